@@ -72,9 +72,12 @@ def _run_generate(args) -> int:
     tokenizer = model.tokenizer
     router = None
     if args.router:
-        from proxytune.routing.persistence import load_router
+        from proxytune.routing import load
+        from proxytune.routing.signals import model_name_of
 
-        router = load_router(args.router)
+        expected = {"model_name": model_name_of(model.base),
+                    "dim": model.base.config.hidden_size}
+        router = load(args.router, expected_signal=expected, device=model.base.device)
     elif not model.pairs:
         logger.info("No expert given: generating with the base alone.")
 
@@ -136,8 +139,9 @@ def _add_router(commands) -> None:
     router_commands = parser.add_subparsers(dest="router_command", required=True)
     fit = router_commands.add_parser("fit", help="fit a router from calibration JSONL")
     fit.add_argument("--signal", required=True,
-                     help="'base:DIR[:LAYER]' (the base's pooled hidden states) "
-                          "or 'embed:DIR' (a sentence-embedding model folder)")
+                     help="'base', 'base:LAYER[:POOLING]' (the base's pooled hidden "
+                          "states; needs --base), 'minilm' or a sentence-embedding folder")
+    fit.add_argument("--base", help="folder of the base model, for a 'base' signal")
     fit.add_argument("--data", required=True, help="JSONL with prompt and expert or scores")
     fit.add_argument("--out", required=True, help="folder to save the router to")
     fit.add_argument("--kind", choices=["cluster", "difficulty"], default="cluster")
@@ -150,9 +154,20 @@ def _add_router(commands) -> None:
 
 
 def _run_router_fit(args) -> int:
-    from proxytune.routing.fitting import fit_router_cli
+    from proxytune.routing import fit_router_from_jsonl, make_signal
 
-    fit_router_cli(args)
+    base_model = tokenizer = None
+    if args.base:
+        from proxytune.loading import load_local
+
+        base_model, tokenizer = load_local(args.base)
+    signal = make_signal(args.signal, base_model=base_model)
+    router = fit_router_from_jsonl(
+        args.data, signal, args.out, kind=args.kind, base_model=base_model,
+        tokenizer=tokenizer, n_clusters=args.clusters, cost_weight=args.cost_weight,
+        target_share=args.steer_share, seed=args.seed,
+    )
+    print(f"saved a {router.kind} router over {router.pair_names} to {args.out}")
     return 0
 
 

@@ -300,7 +300,9 @@ def _resolve_plan(steerer, batch_size, expert, alpha, steering, router, signal_v
     if sum(given) > 1:
         raise ValueError("Choose steering with one of expert=, steering= or router=.")
     if router is not None:
-        return router.route(signal_values)
+        from proxytune.routing.routers import align_plan
+
+        return align_plan(router.route(signal_values), steerer.pair_names)
     if steering is not None:
         unknown = set(steering.pair_names) - set(steerer.pair_names)
         if unknown:

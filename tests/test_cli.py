@@ -43,3 +43,27 @@ def test_missing_folder_is_reported(tmp_path, capsys):
     code = main(["generate", "--base", str(tmp_path / "nowhere"), "hello"])
     assert code == 2
     assert "No model folder" in capsys.readouterr().err
+
+
+def test_router_fit_then_routed_generate(tmp_path, capsys):
+    import json
+
+    save_family(tmp_path)
+    calibration = tmp_path / "calib.jsonl"
+    with calibration.open("w") as handle:
+        for i in range(12):
+            words, expert = ("w10 w11 w12", "a") if i % 2 else ("w80 w81 w82", "b")
+            prompt = f"{words} w{20 + i}"
+            handle.write(json.dumps({"prompt": prompt, "expert": expert}) + "\n")
+    pair_a = f"a={tmp_path / 'expert'},{tmp_path / 'anti'}"
+    pair_b = f"b={tmp_path / 'anti'},{tmp_path / 'expert'}"
+
+    code = main(["router", "fit", "--signal", "base", "--base", str(tmp_path / "base"),
+                 "--data", str(calibration), "--out", str(tmp_path / "router"),
+                 "--clusters", "2"])
+    assert code == 0
+    code = main(["generate", "--base", str(tmp_path / "base"), "--pair", pair_a,
+                 "--pair", pair_b, "--router", str(tmp_path / "router"),
+                 "--max-new-tokens", "4", "w10 w11 w12 w50"])
+    assert code == 0
+    assert "### w10 w11 w12 w50" in capsys.readouterr().out
