@@ -329,7 +329,7 @@ def test_align_plan_reorders_columns():
     plan = SteeringPlan(["code", "math"], torch.tensor([[0.5, 0.0], [0.0, 2.0]]))
     aligned = align_plan(plan, ["chat", "math", "code"])
     assert torch.equal(aligned.alpha, torch.tensor([[0.0, 0.0, 0.5], [0.0, 2.0, 0.0]]))
-    with pytest.raises(KeyError, match="does not have"):
+    with pytest.raises(ValueError, match="does not have"):
         align_plan(plan, ["math"])
 
 
