@@ -1,7 +1,15 @@
 """Tiny randomly initialised models shared by the tests."""
 
+import os
+
 import pytest
 import torch
+
+# Triton reads this when a kernel is defined, and transformers imports triton
+# early, so it is set here, before anything else loads: without a GPU the
+# kernels run in Triton's interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,

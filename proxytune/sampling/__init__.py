@@ -89,6 +89,7 @@ def sampling_params_from_processors(
             if isinstance(processor.prompt_ignore_length, int):
                 return None
             params.repetition_penalty = float(processor.penalty)
+            params.padding_lengths = processor.prompt_ignore_length
         elif isinstance(processor, TemperatureLogitsWarper):
             params.temperature = float(processor.temperature)
         elif isinstance(processor, TopKLogitsWarper):
@@ -160,6 +161,17 @@ def select_next_tokens(
                      fused if return_logits else None)
 
 
+def _tokens_seen_by_penalty(input_ids, params: SamplingParams) -> torch.Tensor | None:
+    """The tokens the repetition penalty counts: left padding becomes -1 (ignored)."""
+    if isinstance(params.repetition_penalty, float) and params.repetition_penalty == 1.0:
+        return None
+    padding = params.padding_lengths
+    if padding is None:
+        return input_ids
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return input_ids.masked_fill(columns[None, :] < padding.to(input_ids.device)[:, None], -1)
+
+
 def _draw_with_seeds(
     scores: torch.Tensor, positions: torch.Tensor, seeds: torch.Tensor
 ) -> torch.Tensor:
@@ -178,7 +190,7 @@ def _select_with_kernels(
 
     if seeds is not None:
         params.seed = seeds
-    prev_tokens = input_ids if params.repetition_penalty != 1.0 else None
+    prev_tokens = _tokens_seen_by_penalty(input_ids, params)
     tokens, _, scores = triton_backend.steer_and_select(
         base_logits, vocab_size, offsets, params, positions, prev_tokens,
         return_logprobs=False, return_scores=return_scores,

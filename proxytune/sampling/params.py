@@ -47,3 +47,5 @@ class SamplingParams:
     min_p: RowKnob = 0.0
     repetition_penalty: RowKnob = 1.0
     seed: RowKnob = 0
+    # (B,) count of left-padding tokens, which the repetition penalty skips.
+    padding_lengths: torch.Tensor | None = None
