@@ -170,6 +170,18 @@ class ProxyTunedModel:
         )
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
+    """Token-id lists -> (input_ids, attention_mask), each (B, T), padded on the left."""
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            input_ids[row, width - len(prompt):] = torch.as_tensor(prompt)
+            attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
 def _output_width(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
@@ -273,13 +285,7 @@ def _open_stream(name, model, template, base_ids, base_mask, rows, generation_co
         prompts.append(template.wrap(prompt) if template is not None else prompt)
 
     pad_id = model.generation_config.pad_token_id
-    pad_id = 0 if pad_id is None else int(pad_id)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        input_ids[i, width - len(prompt):] = torch.tensor(prompt)
-        attention_mask[i, width - len(prompt):] = 1
+    input_ids, attention_mask = left_pad(prompts, 0 if pad_id is None else int(pad_id))
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
     model_kwargs = {"attention_mask": attention_mask, "use_cache": True}
