@@ -413,7 +413,9 @@ def decode(
     # 2. The per-row plan.
     signal_values = None
     if router is not None:
-        if wants_hidden:
+        if signal is None:  # e.g. an oracle that already knows each row's choice
+            signal_values = torch.empty(batch_size, 0, device=device)
+        elif wants_hidden:
             hidden = outputs.hidden_states[signal.layer]
             signal_values = signal.pool(hidden, base_mask)
         else:
@@ -442,6 +444,11 @@ def decode(
         row_map[rows.to(device)] = torch.arange(rows.numel(), dtype=torch.int32, device=device)
         offset = SteeringOffset(None, None, row_map, plan_alpha[:, index].contiguous())
         pair_streams.append((streams, offset))
+
+    # A compiled forward when transformers would compile one (a static cache on a GPU).
+    base_forward = model.__call__
+    if model._valid_auto_compile_criteria(model_kwargs, generation_config):
+        base_forward = model.get_compiled_call(generation_config.compile_config)
 
     unfinished = torch.ones(batch_size, dtype=torch.long, device=device)
     positions = base_mask.sum(-1).to(torch.int64)
@@ -485,7 +492,7 @@ def decode(
         model_inputs = model.prepare_inputs_for_generation(
             input_ids, next_sequence_length=1, **model_kwargs
         )
-        outputs = model(**model_inputs, return_dict=True)
+        outputs = base_forward(**model_inputs, return_dict=True)
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
         base_logits = outputs.logits[:, -1]
         del outputs
