@@ -9,7 +9,7 @@
     token costs one token of each, so (e) implies 1 / (1/a + 1/e1 + 1/e2)
 
 Randomly initialised Llama models of fixed size, greedy decoding forced to
-the full length.  Reports medians over repeats after a discarded warm-up,
+the full length.  Reports medians of interleaved repeats after a discarded warm-up,
 ratios against the baselines of the same run, and writes CSV.
 
     python benchmarks/generate_bench.py --out results/generate_bench.csv
@@ -53,14 +53,20 @@ def plain_loop(base, expert, anti, input_ids, new_tokens, alpha=1.0):
     return sequence
 
 
-def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up, discarded
-    times = []
+def median_seconds(runs: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each run, timed in interleaved rounds after a warm-up.
+
+    Interleaving spreads any drift of the machine's load over every run alike.
+    """
+    for run in runs.values():
+        run()  # warm-up, discarded
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -102,10 +108,10 @@ def main() -> None:
             base, expert, anti, input_ids, args.new_tokens)
 
     tokens = args.batch * args.new_tokens
-    rate = {}
-    for name, run in runs.items():
-        rate[name] = tokens / median_seconds(run, args.repeats)
-        print(f"{name:24s} {rate[name]:10.1f} tokens/s")
+    rate = {name: tokens / seconds
+            for name, seconds in median_seconds(runs, args.repeats).items()}
+    for name, value in rate.items():
+        print(f"{name:24s} {value:10.1f} tokens/s")
 
     implied = 1 / (1 / rate["a_hf_base"] + 1 / rate["e_hf_expert"]
                    + 1 / rate["e_hf_anti_expert"])
