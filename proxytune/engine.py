@@ -341,7 +341,11 @@ def _row_seeds(seed, batch_size, device) -> torch.Tensor | None:
     return seeds.to(device)
 
 
-def _raise_if_not_finite(named_logits: dict[str, torch.Tensor]) -> None:
+def _raise_if_not_finite(base_logits: torch.Tensor, pair_streams) -> None:
+    """Name the first model whose last logits hold NaN (costs one host sync each)."""
+    named_logits = {"base": base_logits}
+    for streams, _ in pair_streams:
+        named_logits.update({stream.name: stream.logits for stream in streams})
     for name, logits in named_logits.items():
         if torch.isnan(logits).any():
             raise FloatingPointError(
@@ -425,7 +429,8 @@ def decode(
             signal_values = signal_values.repeat_interleave(batch_size // len(prompts), 0)
     plan = _resolve_plan(steerer, batch_size, expert, alpha, steering, router, signal_values)
     plan = _expand_rows(plan, batch_size)
-    logger.debug("Steering plan: %s", plan.alpha.tolist())
+    if logger.isEnabledFor(logging.DEBUG):  # reading the plan back costs a host sync
+        logger.debug("Steering plan: %s", plan.alpha.tolist())
 
     # 3. One stream per model of each pair, on that pair's rows only.
     pair_streams: list[tuple[list[_Stream], SteeringOffset]] = []
@@ -462,10 +467,7 @@ def decode(
             offset.expert_logits = streams[0].logits.to(device)
             offset.anti_logits = streams[1].logits.to(device) if len(streams) > 1 else None
         if backend == "torch":
-            named = {"base": base_logits}
-            for streams, _ in pair_streams:
-                named.update({s.name: s.logits for s in streams})
-            _raise_if_not_finite(named)
+            _raise_if_not_finite(base_logits, pair_streams)
 
         selection = select_next_tokens(
             base_logits, [offset for _, offset in pair_streams], vocab_size, input_ids,
@@ -501,10 +503,9 @@ def decode(
                 stream.step(next_tokens)
 
     if backend == "triton":
-        named = {"base": base_logits}
-        for streams, _ in pair_streams:
-            named.update({s.name: s.logits for s in streams})
-        _raise_if_not_finite(named)
+        # TODO: the kernels should flag NaN rows as they read them; until then the
+        # kernel path checks only the last step, to keep the loop free of syncs.
+        _raise_if_not_finite(base_logits, pair_streams)
     if streamer is not None:
         streamer.end()
 
