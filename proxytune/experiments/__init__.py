@@ -1,0 +1,1 @@
+"""Experiments that run on the embedded model family (see :mod:`.alignment`)."""
