@@ -172,14 +172,16 @@ def _run_router_fit(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="proxytune", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands)
     _add_demo(commands)
     _add_experiment(commands)
     _add_router(commands)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
     except (FileNotFoundError, ValueError, ImportError) as error:
