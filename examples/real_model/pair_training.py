@@ -1,0 +1,182 @@
+"""Building and training the small expert pair and the directly tuned base.
+
+* anti-expert: the base's first ``k`` decoder layers, kept with its final
+  norm and (tied) output layer, re-trained briefly on real prose so that it is
+  a working small LM sharing the base's tokenizer;
+* expert: that anti-expert fine-tuned on the training examples in chat form;
+* directly tuned base: a copy of the base fine-tuned on the same examples.
+
+Every model keeps its token embedding (which is also its output layer)
+frozen, so the three recipes differ only in the decoder layers they train.
+Losses are computed on answer tokens only, and the output layer runs on
+those positions only: on a CPU it is the most expensive part of a small model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+def truncated_copy(base, num_layers: int):
+    """A new model made of the base's first ``num_layers`` layers, norm and output layer.
+
+    The base is not modified; the copy shares no tensors with it.
+    """
+    total = base.config.num_hidden_layers
+    if not 0 < num_layers <= total:
+        raise ValueError(f"num_layers must be in 1..{total}, got {num_layers}.")
+    config = copy.deepcopy(base.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:num_layers]
+    small = type(base)(config)
+    kept = {
+        name: tensor
+        for name, tensor in base.state_dict().items()
+        if not name.startswith("model.layers.") or int(name.split(".")[2]) < num_layers
+    }
+    missing, unexpected = small.load_state_dict(kept, strict=False)
+    missing = [name for name in missing if name != "lm_head.weight"]  # tied to the embedding
+    if missing or unexpected:
+        raise RuntimeError(f"Truncation mismatch: missing {missing}, unexpected {unexpected}.")
+    small.tie_weights()
+    return small.eval()
+
+
+def freeze_embeddings(model) -> list[torch.nn.Parameter]:
+    """Unfreeze everything but the input embedding and output layer; return what trains."""
+    model.requires_grad_(True)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model.get_output_embeddings().weight.requires_grad_(False)
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
+def answer_only_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose label is not ignored.
+
+    ``input_ids``, ``attention_mask`` and ``labels`` are ``(B, T)``; ``labels``
+    holds the token at each position or ``IGNORE``.  The output layer only
+    runs on the ``(N, H)`` hidden states that predict a kept label.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+    hidden = hidden.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts t+1
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE
+    logits = model.get_output_embeddings()(hidden[keep])  # (N, V)
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-pad ``(ids, labels)`` pairs into ``(B, T)`` tensors with a mask."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, row_labels) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(row_labels)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask, labels
+
+
+def prose_examples(tokenizer, documents: list[str], max_tokens: int,
+                   token_budget: int) -> list[tuple[list[int], list[int]]]:
+    """Each document as one example (cut at ``max_tokens``), until ``token_budget`` tokens."""
+    examples, used = [], 0
+    eos = tokenizer.eos_token_id
+    for text in documents:
+        ids = tokenizer.encode(text, add_special_tokens=False)[: max_tokens - 1] + [eos]
+        if len(ids) < 4:
+            continue
+        examples.append((ids, ids))
+        used += len(ids)
+        if used >= token_budget:
+            break
+    return examples
+
+
+def chat_examples(tokenizer, template, items) -> list[tuple[list[int], list[int]]]:
+    """``template``-wrapped question followed by the answer and end-of-turn.
+
+    Only the answer and the end-of-turn token are labelled.
+    """
+    examples = []
+    end_of_turn = tokenizer.eos_token_id
+    for item in items:
+        prompt = template.wrap(tokenizer.encode(item.question, add_special_tokens=False))
+        answer = tokenizer.encode(item.answer, add_special_tokens=False) + [end_of_turn]
+        examples.append((prompt + answer, [IGNORE] * len(prompt) + answer))
+    return examples
+
+
+def train(model, examples, *, epochs: float, batch_size: int, lr: float, pad_id: int,
+          seed: int = 0, description: str = "train") -> dict:
+    """AdamW with linear warm-up and cosine decay over ``examples``; returns a log.
+
+    The loss is :func:`answer_only_loss`.
+    Batches group examples of similar length to waste little on padding.
+    Changes ``model`` in place and leaves it in eval mode.
+    """
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    parameters = freeze_embeddings(model)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    batches_per_epoch = math.ceil(len(examples) / batch_size)
+    total_steps = max(1, round(epochs * batches_per_epoch))
+    warmup = max(1, total_steps // 10)
+
+    def learning_rate(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate)
+    model.train()
+    started, losses, tokens_seen, step = time.perf_counter(), [], 0, 0
+    progress = tqdm(total=total_steps, desc=description, leave=False)
+    while step < total_steps:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        chunks = [order[i:i + batch_size * 8] for i in range(0, len(order), batch_size * 8)]
+        batches = []
+        for chunk in chunks:  # sort within chunks of 8 batches: similar lengths together
+            chunk.sort(key=lambda index: len(examples[index][0]))
+            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        rng.shuffle(batches)
+        for batch in batches:
+            if step >= total_steps:
+                break
+            input_ids, attention_mask, labels = pad_batch([examples[i] for i in batch], pad_id)
+            loss = answer_only_loss(model, input_ids, attention_mask, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            tokens_seen += int(attention_mask.sum())
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    progress.close()
+    model.eval()
+    seconds = time.perf_counter() - started
+    window = max(1, len(losses) // 10)
+    log = {"steps": total_steps, "examples": len(examples), "tokens": tokens_seen,
+           "seconds": round(seconds, 1), "first_loss": round(sum(losses[:window]) / window, 4),
+           "last_loss": round(sum(losses[-window:]) / window, 4)}
+    logger.info("%s: %s", description, log)
+    return log
