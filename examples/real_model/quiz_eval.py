@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from proxytune import ExpertPair, ProxyTunedModel
+from proxytune.engine import left_pad
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +35,6 @@ def few_shot_text(shots, question: str) -> str:
 
 def chat_prompt_ids(tokenizer, template, question: str) -> list[int]:
     return template.wrap(tokenizer.encode(question, add_special_tokens=False))
-
-
-def left_pad(prompts: list[list[int]], pad_id: int):
-    """``(B, T)`` ids and mask with the prompts right-aligned."""
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt):] = 1
-    return input_ids, attention_mask
 
 
 @torch.no_grad()
