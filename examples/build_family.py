@@ -6,7 +6,7 @@
 
 Steps, each seeded:
 
-1. generate the synthetic world (:mod:`proxytune.world`) and train a
+1. generate the synthetic world (:mod:`proxytune.experiments.world`) and train a
    word-level tokenizer on its texts;
 2. pre-train the base (Llama, ~1.8M parameters) on the whole corpus and one
    small model (~0.26M parameters) on the documents of a share of the people;
@@ -36,7 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from proxytune.experiments.alignment import fit_cluster_router
 from proxytune.loading.embedded import load_embedded_family
-from proxytune.world import (
+from proxytune.experiments.world import (
     ATTRIBUTES,
     DOMAINS,
     EMBEDDED_WORLD,

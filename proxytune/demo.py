@@ -25,7 +25,7 @@ from proxytune.experiments.alignment import (
     steered_generate,
 )
 from proxytune.loading.embedded import load_embedded_family
-from proxytune.world import DOMAINS, EMBEDDED_WORLD, generate_world
+from proxytune.experiments.world import DOMAINS, EMBEDDED_WORLD, generate_world
 
 logger = logging.getLogger(__name__)
 

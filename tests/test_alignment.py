@@ -14,7 +14,7 @@ from proxytune.experiments.alignment import (
     run_alignment,
 )
 from proxytune.loading.embedded import EMBEDDED_DIR, load_embedded_family
-from proxytune.world import DOMAINS, EMBEDDED_WORLD, generate_world
+from proxytune.experiments.world import DOMAINS, EMBEDDED_WORLD, generate_world
 
 needs_family = pytest.mark.skipif(
     not (EMBEDDED_DIR / "hashes.json").is_file(),

@@ -8,7 +8,7 @@ import torch
 
 from proxytune.loading.embedded import EMBEDDED_DIR, load_embedded_family, verify_hashes
 from proxytune.steering import PromptTemplate, check_same_vocabulary
-from proxytune.world import ASSISTANT, USER
+from proxytune.experiments.world import ASSISTANT, USER
 
 pytestmark = pytest.mark.skipif(
     not (EMBEDDED_DIR / "hashes.json").is_file(),

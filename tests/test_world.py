@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxytune.world import (
+from proxytune.experiments.world import (
     ASSISTANT,
     ATTRIBUTES,
     CHOICES,

@@ -1,6 +1,6 @@
 """The proxy-tuning paper's main table in miniature, on the embedded family.
 
-For each instruction domain of the synthetic world (:mod:`proxytune.world`),
+For each instruction domain of the synthetic world (:mod:`proxytune.experiments.world`),
 on held-out prompts about people that no fine-tuning data mentions:
 
 1. **task score** (exact match of the reply) of the base alone, the small
@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from proxytune.engine import ProxyTunedModel
 from proxytune.loading.embedded import EmbeddedFamily, load_embedded_family
-from proxytune.world import DOMAINS, EMBEDDED_WORLD, World, generate_world
+from proxytune.experiments.world import DOMAINS, EMBEDDED_WORLD, World, generate_world
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def ranked_knowledge(family: EmbeddedFamily, direct, domain: str, world: World,
     proxy's logits are ``base + alpha * (expert - anti_expert)``, the steering
     rule of the engine, for this one next token.
     """
-    from proxytune.world import QUESTIONS
+    from proxytune.experiments.world import QUESTIONS
 
     tokenizer = family.tokenizer
     pair = family.pairs[domain]

@@ -1,7 +1,7 @@
 """The embedded model family that ships inside the package.
 
 ``examples/build_family.py`` trains it on the synthetic world of
-:mod:`proxytune.world` and writes ``proxytune/embedded/``:
+:mod:`proxytune.experiments.world` and writes ``proxytune/embedded/``:
 
 * ``tokenizer/``: the word-level tokenizer with its chat template;
 * ``base/``: the largest model, pre-trained on the whole corpus;
