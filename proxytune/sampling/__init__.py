@@ -31,6 +31,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from proxytune.sampling import reference
 from proxytune.sampling.params import SamplingParams, SteeringOffset
 
 logger = logging.getLogger(__name__)
@@ -57,20 +58,13 @@ def fuse_logits(
 ) -> torch.Tensor:
     """``base + sum_p alpha_p * (expert_p - anti_p)`` in float32, as a new tensor.
 
-    base_logits: (B, V_base).  Columns at or past ``vocab_size`` (padding of
-    the base's output layer) become -inf.  Does not modify its inputs.
+    base_logits: (B, V_base); the result has the same width, with the columns
+    at or past ``vocab_size`` (padding of the base's output layer) at -inf.
+    Does not modify its inputs.
     """
-    fused = base_logits.to(torch.float32, copy=True)
-    for offset in offsets:
-        routed_rows = torch.nonzero(offset.row_map >= 0).flatten()
-        packed_rows = offset.row_map[routed_rows].long()
-        delta = offset.expert_logits[packed_rows, :vocab_size].float()
-        if offset.anti_logits is not None:
-            delta = delta - offset.anti_logits[packed_rows, :vocab_size].float()
-        alpha = offset.alpha[routed_rows].to(fused.device, torch.float32)
-        fused[routed_rows, :vocab_size] += alpha[:, None] * delta.to(fused.device)
-    fused[:, vocab_size:] = float("-inf")
-    return fused
+    fused = reference.fused_logits(base_logits, vocab_size, offsets)
+    padding = base_logits.shape[-1] - vocab_size
+    return torch.nn.functional.pad(fused, (0, padding), value=float("-inf"))
 
 
 def sampling_params_from_processors(
@@ -176,9 +170,7 @@ def _draw_with_seeds(
     scores: torch.Tensor, positions: torch.Tensor, seeds: torch.Tensor
 ) -> torch.Tensor:
     """Draw from softmax(scores) with the counter-based stream the kernels use."""
-    from proxytune.sampling.reference import gumbel_noise
-
-    noise = gumbel_noise(seeds, positions, scores.shape[-1])
+    noise = reference.gumbel_noise(seeds, positions, scores.shape[-1])
     return torch.argmax(scores + noise.to(scores.device), dim=-1)
 
 
