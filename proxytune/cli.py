@@ -81,6 +81,10 @@ def _run_generate(args) -> int:
     elif not model.pairs:
         logger.info("No expert given: generating with the base alone.")
 
+    pad_token_id = tokenizer.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = tokenizer.eos_token_id
+
     for prompt in args.prompt:
         text = prompt
         if args.chat:
@@ -97,9 +101,7 @@ def _run_generate(args) -> int:
                 encoded["input_ids"], attention_mask=encoded["attention_mask"],
                 max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                 temperature=args.temperature or None, top_p=args.top_p,
-                seed=args.seed, streamer=streamer, pad_token_id=tokenizer.pad_token_id
-                if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                **steering,
+                seed=args.seed, streamer=streamer, pad_token_id=pad_token_id, **steering,
             )
     return 0
 
