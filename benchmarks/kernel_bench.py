@@ -105,7 +105,7 @@ def run_case(batch, vocab, dtype_name, pairs, mode, device, on_gpu, compile_it, 
         compiled(*args)
         timings["compile"] = median_ms(lambda: compiled(*args), on_gpu, repeats)
     if on_gpu:
-        from kernels.steer_sample import SteerPair, sample_next_tokens
+        from proxytune_kernels.steer_sample import SteerPair, sample_next_tokens
 
         rows = torch.arange(batch, dtype=torch.int32, device=device)
         steer = [SteerPair(e, a, rows, alpha) for e, a, alpha in zip(experts, antis, alphas)]

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
-import kernels.steer_sample as steer_kernels  # noqa: E402
+import proxytune_kernels.steer_sample as steer_kernels  # noqa: E402
 from proxytune.sampling import reference, triton_backend  # noqa: E402
 from proxytune.sampling.params import SamplingParams, SteeringOffset  # noqa: E402
 

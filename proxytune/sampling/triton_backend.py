@@ -106,7 +106,7 @@ def steer_and_select(
     NOTE: knob values given as tensors are not range-checked here (that would
     cost a host synchronisation per token); the PyTorch path checks them.
     """
-    from kernels.steer_sample import SteerPair, default_block, sample_next_tokens
+    from proxytune_kernels.steer_sample import SteerPair, default_block, sample_next_tokens
 
     check_inputs(base_logits, vocab_size, offsets, positions, prev_tokens)
     for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
