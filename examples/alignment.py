@@ -17,9 +17,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="results/alignment", help="folder for the results")
     parser.add_argument("--prompts", type=int, default=None,
-                        help="held-out prompts per domain (default: all)")
+                        help="test prompts per domain (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--alpha", type=float, default=1.0, help="steering strength")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="steering strength of every pair (default: the family's, "
+                             "chosen on validation prompts by the build)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(run_alignment(args.out, n_prompts=args.prompts, seed=args.seed, alpha=args.alpha))

@@ -9,13 +9,16 @@ Steps, each seeded:
 1. generate the synthetic world (:mod:`proxytune.experiments.world`) and train a
    word-level tokenizer on its texts;
 2. pre-train the base (Llama, ~1.8M parameters) on the whole corpus and one
-   small model (~0.26M parameters) on the documents of a share of the people;
-   the small model is the untuned anti-expert of every domain;
+   small model (~0.26M parameters) on the documents of the fine-tuning people
+   only (the held-out people appear there by name, without their facts); the
+   small model is the untuned anti-expert of every domain;
 3. per domain, fine-tune a copy of the small model on the domain's chat data
    (the expert) and a copy of the base on the same data (the directly tuned
    base, the experiments' upper reference);
 4. save everything in float16 safetensors with the tokenizer;
-5. fit the cluster router on calibration prompts with the saved base's
+5. choose each pair's steering strength (alpha) on the validation prompts,
+   into ``steering.json``;
+6. fit the cluster router on calibration prompts with the saved base's
    hidden states, into ``router/``; then write ``hashes.json`` (sha256 of
    every shipped file) and ``build.json`` (settings, timings, quick scores).
 """
@@ -32,9 +35,10 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from proxytune.experiments.alignment import fit_cluster_router
+from proxytune.experiments.alignment import choose_alphas, fit_cluster_router
 from proxytune.loading.embedded import load_embedded_family
 from proxytune.experiments.world import (
     ATTRIBUTES,
@@ -53,9 +57,10 @@ SMALL_SHAPE = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=4)
 PRETRAIN = dict(steps=1400, batch_size=32, seq_len=64, lr=3e-3, warmup=50)
 SMALL_PRETRAIN = dict(steps=600, batch_size=32, seq_len=64, lr=3e-3, warmup=50)
-# The small models read the documents of this share of the people only: a
-# smaller model trained on less text, which knows fewer facts than the base.
-SMALL_PEOPLE_SHARE = 0.4
+# The small models read about the fine-tuning people and this share of the
+# held-out people only: a smaller model trained on less text, which knows
+# fewer facts than the base (World.small_model_people).
+SMALL_HELDOUT_SHARE = 0.0
 # One recipe for the small expert and the directly tuned base alike.  Chosen
 # once among 5/3/2 epochs at lr 5e-4 to 1e-4 as the one whose directly tuned
 # base scored best; the gentler recipe also forgets less of the pre-training.
@@ -262,7 +267,8 @@ def main() -> None:
     seed = EMBEDDED_WORLD["seed"]
     world = generate_world(**EMBEDDED_WORLD)
     documents = world.pretraining_documents()
-    small_documents = world.pretraining_documents(people_share=SMALL_PEOPLE_SHARE)
+    small_people = world.small_model_people(SMALL_HELDOUT_SHARE)
+    small_documents = world.pretraining_documents(people=small_people)
     chat = {d: world.chat_examples(d, "finetune") for d in DOMAINS}
     all_chat = [format_chat(e.prompt, e.answer) for d in DOMAINS for e in chat[d]]
     heldout_chat = [format_chat(e.prompt, e.answer)
@@ -306,7 +312,7 @@ def main() -> None:
 
     out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in [*models, "tokenizer", "router", "hashes.json", "build.json"]:
+    for name in [*models, "tokenizer", "router", "steering.json", "hashes.json", "build.json"]:
         stale = out_dir / name
         if stale.is_dir():
             shutil.rmtree(stale)
@@ -316,12 +322,20 @@ def main() -> None:
     for name, model in models.items():
         save_model(model, out_dir / name)
     t0 = time.time()
+    chosen = choose_alphas(load_embedded_family(out_dir), world)
+    steering = {"alpha": {d: c["alpha"] for d, c in chosen.items()},
+                "validation_exact_match": {d: c["scores"] for d, c in chosen.items()}}
+    (out_dir / "steering.json").write_text(json.dumps(steering, indent=1) + "\n")
+    print(f"  alpha chosen on validation prompts: {steering['alpha']}", flush=True)
+    timings["choose_alpha_s"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
     family = load_embedded_family(out_dir)
     fit_cluster_router(family, world, out_dir / "router", seed=seed)
     timings["router_s"] = round(time.time() - t0, 1)
     timings["total_s"] = round(time.time() - started, 1)
     build = {
-        "world": EMBEDDED_WORLD, "small_people_share": SMALL_PEOPLE_SHARE,
+        "world": EMBEDDED_WORLD, "small_heldout_share": SMALL_HELDOUT_SHARE,
         "base_shape": BASE_SHAPE, "small_shape": SMALL_SHAPE,
         "pretrain": PRETRAIN, "small_pretrain": SMALL_PRETRAIN, "finetune": FINETUNE,
         "scale": args.scale, "threads": args.threads,
@@ -330,7 +344,7 @@ def main() -> None:
         "pretrained_from_cache": base_cached or small_cached,
         "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
         "quick_scores": scores, "timings": timings,
-        "versions": {"torch": torch.__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     (out_dir / "build.json").write_text(json.dumps(build, indent=1) + "\n")
     hashes = write_hashes(out_dir)

@@ -123,15 +123,17 @@ def _add_experiment(commands) -> None:
     parser.add_argument("name", choices=["alignment"])
     parser.add_argument("--out", default="results/alignment", help="folder for the results")
     parser.add_argument("--prompts", type=int, default=None,
-                        help="held-out prompts per domain (default: all)")
+                        help="test prompts per domain (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="steering strength of every pair (default: the family's)")
     parser.set_defaults(run=_run_experiment)
 
 
 def _run_experiment(args) -> int:
     from proxytune.experiments.alignment import run_alignment
 
-    table = run_alignment(args.out, n_prompts=args.prompts, seed=args.seed)
+    table = run_alignment(args.out, n_prompts=args.prompts, seed=args.seed, alpha=args.alpha)
     print(table)
     return 0
 

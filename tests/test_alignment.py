@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from proxytune.experiments.alignment import (
+    choose_alphas,
     exact_match,
     generate_replies,
     load_cluster_router,
@@ -123,3 +124,16 @@ def test_replies_stop_at_the_end_token_and_score_exactly():
                                show_progress=False)
     assert replies == ["brommel", "brommel . dask"]
     assert exact_match(replies, ["brommel", "brommel"]) == [1.0, 0.0]
+
+
+@needs_family
+def test_alpha_is_chosen_as_the_best_validation_score():
+    family = load_embedded_family()
+    chosen = choose_alphas(family, generate_world(**EMBEDDED_WORLD), candidates=(0.0, 1.0))
+
+    for domain in DOMAINS:
+        scores = chosen[domain]["scores"]
+        assert set(scores) == {0.0, 1.0}
+        # alpha 0 is the base alone, which never stops after the bare answer.
+        assert scores[0.0] == 0.0
+        assert chosen[domain]["alpha"] == max(scores, key=lambda a: (scores[a], -a))

@@ -79,3 +79,11 @@ def test_loaded_models_are_float32_and_in_eval_mode(family):
     assert direct.dtype == torch.float32 and not direct.training
     with pytest.raises(KeyError, match="No directly tuned"):
         family.load_direct("poetry")
+
+
+def test_pairs_steer_with_the_alpha_the_build_chose(family):
+    chosen = json.loads((EMBEDDED_DIR / "steering.json").read_text())["alpha"]
+    assert {name: pair.alpha for name, pair in family.pairs.items()} == chosen
+
+    overridden = load_embedded_family(alpha=0.5)
+    assert {pair.alpha for pair in overridden.pairs.values()} == {0.5}

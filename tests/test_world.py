@@ -97,6 +97,47 @@ def test_chat_answers_follow_the_facts():
         assert example.prompt in offered
 
 
+def test_validation_and_test_split_the_heldout_prompts():
+    world = generate_world(seed=2, n_people=50, validation_share=0.25)
+    validation = set(world.validation_people)
+    assert validation < set(world.heldout_people)
+    assert len(validation) == round(0.25 * len(world.heldout_people))
+
+    for domain in DOMAINS:
+        heldout = world.chat_examples(domain, "heldout")
+        chosen = world.chat_examples(domain, "validation")
+        test = world.chat_examples(domain, "test")
+        assert {e.person for e in chosen} == validation
+        assert not {e.person for e in test} & validation
+        assert sorted(map(repr, chosen + test)) == sorted(map(repr, heldout))
+    # The split leaves the facts and the other splits as they were.
+    assert generate_world(seed=2, n_people=50, validation_share=0.0).facts == world.facts
+
+
+def test_small_model_corpus_states_only_its_peoples_facts():
+    world = generate_world(seed=2, n_people=50)
+    chosen = world.small_model_people(heldout_share=0.25)
+    tuned = {p for people in world.finetune_people.values() for p in people}
+    assert tuned <= set(chosen)
+    assert len(set(chosen) & set(world.heldout_people)) == round(0.25 * len(world.heldout_people))
+
+    full = world.pretraining_documents()
+    small = world.pretraining_documents(people=chosen)
+    left_out = set(world.people) - set(chosen)
+    for person in left_out:
+        about = [d for d in small if person in d.split()]
+        # Named in passing, but no fact of theirs is stated.
+        assert about
+        for value in world.facts[person].values():
+            assert not any(value in d.split() for d in about)
+    # The chosen people's documents are the full corpus's, text for text.
+    kept = [d for d in full if not left_out & set(d.split())]
+    assert sorted(kept) == sorted(d for d in small if not left_out & set(d.split()))
+
+    with pytest.raises(ValueError, match="not in this world"):
+        world.pretraining_documents(people=["nobody"])
+
+
 def test_tokenizer_round_trips_chat_and_knows_every_word():
     world = generate_world(seed=0, n_people=20)
     documents = world.pretraining_documents()
@@ -124,4 +165,4 @@ def test_bad_settings_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="domain"):
         world.chat_examples("poetry", "finetune")
     with pytest.raises(ValueError, match="split"):
-        world.chat_examples("qa", "test")
+        world.chat_examples("qa", "train")

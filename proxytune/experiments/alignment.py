@@ -1,7 +1,9 @@
 """The proxy-tuning paper's main table in miniature, on the embedded family.
 
 For each instruction domain of the synthetic world (:mod:`proxytune.experiments.world`),
-on held-out prompts about people that no fine-tuning data mentions:
+on the test prompts (held-out prompts about people that no fine-tuning data
+mentions, less the validation people on which the build chose each pair's
+alpha, see :func:`choose_alphas`):
 
 1. **task score** (exact match of the reply) of the base alone, the small
    expert alone, the proxy-tuned base (base + expert - anti-expert) and the
@@ -204,19 +206,52 @@ def pair_alphas(family: EmbeddedFamily, pair_names: Sequence[str]) -> torch.Tens
     return torch.tensor([float(family.pairs[name].alpha) for name in pair_names])
 
 
+def choose_alphas(family: EmbeddedFamily, world: World,
+                  candidates: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+                  batch_size: int = 32) -> dict[str, dict]:
+    """Each domain's steering strength: the candidate alpha whose proxy-tuned
+    base scores best on the validation prompts (the smallest on a tie).
+
+    Returns ``{domain: {"alpha": best, "scores": {alpha: exact match}}}``;
+    the test prompts are never decoded here.
+    """
+    proxy = ProxyTunedModel(family.base, list(family.pairs.values()),
+                            tokenizer=family.tokenizer)
+    chosen = {}
+    for domain in DOMAINS:
+        examples = world.chat_examples(domain, "validation")
+        if not examples:
+            raise ValueError("The world has no validation people; generate it with "
+                             "validation_share > 0 to choose alpha.")
+        texts = chat_texts(family.tokenizer, [e.prompt for e in examples])
+        answers = [e.answer for e in examples]
+        scores = {}
+        for alpha in sorted(candidates):
+            steering = lambda rows, d=domain, a=alpha: {"expert": d, "alpha": a}
+            replies = generate_replies(steered_generate(proxy, steering), family.tokenizer,
+                                       texts, TASK_TOKENS, batch_size, show_progress=False)
+            scores[alpha] = float(np.mean(exact_match(replies, answers)))
+        best = max(scores, key=lambda a: (scores[a], -a))
+        logger.info("%s: alpha %.2f (validation exact match %s)", domain, best, scores)
+        chosen[domain] = {"alpha": best, "scores": scores}
+    return chosen
+
+
 def run_alignment(
     out_dir: str | Path = "results/alignment",
     n_prompts: int | None = None,
     seed: int = 0,
     batch_size: int = 32,
-    alpha: float = 1.0,
+    alpha: float | None = None,
     family: EmbeddedFamily | None = None,
     show_progress: bool = True,
 ) -> str:
     """Run the whole experiment, write its files to ``out_dir``, return the Markdown.
 
-    ``n_prompts`` held-out prompts per domain (default: all of them) are drawn
-    with ``seed``; the knowledge check asks about the same people.
+    ``n_prompts`` test prompts per domain (default: all of them) are drawn
+    with ``seed``; the knowledge check asks about the same people.  Each
+    pair steers with the family's alpha (chosen on validation prompts by the
+    build), or with ``alpha`` for every pair when given.
     """
     if n_prompts is not None and n_prompts < 1:
         raise ValueError(f"n_prompts must be at least 1 (or None for all), got {n_prompts}.")
@@ -226,7 +261,7 @@ def run_alignment(
     out_dir.mkdir(parents=True, exist_ok=True)
     if family is None:
         family = load_embedded_family(alpha=alpha)
-    else:
+    elif alpha is not None:
         # Every setting, routers included, steers with this run's alpha.
         pairs = {name: dataclasses.replace(pair, alpha=alpha)
                  for name, pair in family.pairs.items()}
@@ -238,7 +273,7 @@ def run_alignment(
 
     heldout = {}
     for domain in DOMAINS:
-        examples = world.chat_examples(domain, "heldout")
+        examples = world.chat_examples(domain, "test")
         if n_prompts is not None and n_prompts < len(examples):
             examples = rng.sample(examples, n_prompts)
         heldout[domain] = examples
@@ -299,7 +334,8 @@ def run_alignment(
                                                   batch_size, show_progress, run)
 
     results["summary"] = summarize(results)
-    results["settings"] = {"n_prompts": n_prompts, "seed": seed, "alpha": alpha,
+    alphas = {name: float(pair.alpha) for name, pair in family.pairs.items()}
+    results["settings"] = {"n_prompts": n_prompts, "seed": seed, "alpha": alphas,
                            "batch_size": batch_size, "world": EMBEDDED_WORLD,
                            "seconds": round(time.time() - started, 1)}
     markdown = results_markdown(results)
@@ -422,8 +458,13 @@ def results_markdown(results: dict) -> str:
     lines = [
         "## Proxy-tuning the embedded family",
         "",
-        "Task score = exact match on held-out prompts about people no fine-tuning data "
+        "Task score = exact match on test prompts about people no fine-tuning data "
         "mentions. Knowledge = plain-text completion of those people's facts.",
+        "",
+        "Steering strength per pair (chosen on validation people by the build, or set "
+        "for the run): " + ", ".join(
+            f"{name} alpha {value:g}" for name, value in results["settings"]["alpha"].items()
+        ) + ".",
         "",
         "| domain | base | expert | proxy-tuned base | directly tuned base | gap closed "
         "| knowledge: base | knowledge: direct | knowledge: proxy |",

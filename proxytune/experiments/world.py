@@ -14,7 +14,8 @@ Texts built from it:
 * a **pre-training corpus**: every fact in several declarative sentences,
   two quiz lines (``question : ... answer : ...``), a question-and-answer
   passage in prose, casual dialogues whose replies ramble on in full
-  sentences, and filler text;
+  sentences, and filler text; a smaller model's corpus keeps the facts of
+  some people only and names the others in passing;
 * **chat data** in two instruction domains, each a different skill:
 
   - ``qa``: "where does kelvor live ?" -> ``"brommel"`` (the bare value);
@@ -37,6 +38,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
+from typing import Collection
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +110,13 @@ CHOICES = {
     "color": "does {p} like {a} or {b} ?",
     "pet": "does {p} own a {a} or a {b} ?",
 }
-# How casual replies in the corpus begin: with the answer word, with the
-# person, or with a filler word; all go on in full sentences.
+# How casual replies in the corpus begin: mostly with the answer word, else
+# with a filler word; all go on in full sentences, so an untuned model that
+# knows the fact still never gives the bare answer and stops.
 REPLY_STYLES = [
-    "{v} . {s}", "{s}", "hmm , {s}", "{v} , i think . {s}", "oh , {v} ! {s}",
-    "well , {s} i am quite sure .", "{v} , of course . {s}", "let me think . {s}",
+    "{v} . {s}", "{v} , i think . {s}", "{v} , of course . {s}", "{v} ! {s}",
+    "{v} , as far as i know . {s}", "oh , {v} ! {s}", "hmm , {s}",
+    "well , {s} i am quite sure .",
 ]
 # Question-and-answer prose: a question about a fact and its answer in plain
 # text, with no chat markers ({q} the question, {s} a statement of the fact).
@@ -176,7 +180,9 @@ class World:
     ``facts[person][attribute]`` is the value.  ``finetune_people[domain]``
     are the only people that domain's fine-tuning data mentions; the
     ``heldout_people`` are never mentioned by any fine-tuning data and feed
-    the held-out prompts and the knowledge probes.
+    the held-out prompts and the knowledge probes.  A seeded share of them,
+    the ``validation_people``, is set aside for choosing settings (such as
+    the steering strength); the others are the test people.
     """
 
     seed: int
@@ -185,6 +191,7 @@ class World:
     facts: dict[str, dict[str, str]]
     finetune_people: dict[str, list[str]] = field(default_factory=dict)
     heldout_people: list[str] = field(default_factory=list)
+    validation_people: list[str] = field(default_factory=list)
 
     def values(self, attribute: str) -> list[str]:
         """Every value an attribute can take."""
@@ -194,7 +201,10 @@ class World:
         return pools[attribute]
 
     def pretraining_documents(
-        self, statements_per_fact: int = 3, people_share: float = 1.0
+        self,
+        statements_per_fact: int = 3,
+        people: Collection[str] | None = None,
+        mentions_per_person: int = 4,
     ) -> list[str]:
         """The pre-training corpus as short documents, in a seeded order.
 
@@ -206,19 +216,20 @@ class World:
         small talk and filler add the rest.
         Fine-tuning splits play no role here.
 
-        ``people_share`` below 1 keeps the documents of a seeded share of the
-        people only (filler and small talk stay whole): the smaller corpus of
-        a smaller model, which therefore knows fewer facts.
+        ``people`` keeps the documents of those people only (filler and small
+        talk stay whole): the smaller corpus of a smaller model, which
+        therefore knows fewer facts (see :meth:`small_model_people`).  Every
+        other person still appears by name, in ``mentions_per_person``
+        sentences that state none of their facts, as a real corpus names
+        many people it says little about.
         """
         if statements_per_fact < 1:
             raise ValueError("statements_per_fact must be at least 1.")
-        if not 0.0 < people_share <= 1.0:
-            raise ValueError(f"people_share must be in (0, 1], got {people_share}.")
+        covered = set(self.people if people is None else people)
+        unknown = covered - set(self.people)
+        if unknown:
+            raise ValueError(f"people not in this world: {sorted(unknown)[:5]}")
         rng = random.Random(self.seed * 1000 + 1)
-        covered = set(self.people)
-        if people_share < 1.0:
-            count = max(1, round(people_share * len(self.people)))
-            covered = set(random.Random(f"{self.seed}-share").sample(self.people, count))
         documents = []
 
         for person in self.people:
@@ -246,9 +257,11 @@ class World:
                     reply = rng.choice(REPLY_STYLES).format(v=value, s=sentence)
                     person_documents.append(f"{USER} {asked} {ASSISTANT} {reply} {END}")
 
-            # Draws happen for every person, so a share keeps the same texts.
+            # Draws happen for every person, so a subset keeps the same texts.
             if person in covered:
                 documents += person_documents
+            else:
+                documents += self._passing_mentions(person, mentions_per_person)
 
         for _ in range(len(self.people)):
             documents.append(self._filler_sentence(rng))
@@ -265,16 +278,22 @@ class World:
         ``split`` is ``"finetune"`` (the domain's fine-tuning people, every
         attribute; ``choice`` asks each fact twice, with two seeded wrong
         values) or ``"heldout"`` (people no fine-tuning data mentions, one
-        question per fact).
+        question per fact); ``"validation"`` and ``"test"`` are the held-out
+        prompts about the validation people and about the others.
         """
         if domain not in DOMAINS:
             raise ValueError(f"Unknown domain {domain!r}; choose one of {DOMAINS}.")
+        if split in ("validation", "test"):
+            validation = set(self.validation_people)
+            return [e for e in self.chat_examples(domain, "heldout")
+                    if (e.person in validation) == (split == "validation")]
         if split == "finetune":
             people = self.finetune_people[domain]
         elif split == "heldout":
             people = self.heldout_people
         else:
-            raise ValueError(f"Unknown split {split!r}; choose 'finetune' or 'heldout'.")
+            raise ValueError(f"Unknown split {split!r}; choose 'finetune', 'heldout', "
+                             "'validation' or 'test'.")
         rng = random.Random(f"{self.seed}-{domain}-{split}")
         examples = []
 
@@ -292,6 +311,22 @@ class World:
         rng.shuffle(examples)
         return examples
 
+    def small_model_people(self, heldout_share: float) -> list[str]:
+        """The people a smaller model reads about: every fine-tuning person,
+        and a seeded ``heldout_share`` of the held-out people.
+
+        The fine-tuning data then asks only about facts the small model has
+        read, as instruction data mostly does for a real pre-trained model:
+        tuning teaches the answer format rather than guessing, and the
+        held-out people it has never read about stay for the base to know.
+        """
+        if not 0.0 <= heldout_share <= 1.0:
+            raise ValueError(f"heldout_share must be in [0, 1], got {heldout_share}.")
+        count = round(heldout_share * len(self.heldout_people))
+        chosen = random.Random(f"{self.seed}-small").sample(self.heldout_people, count)
+        tuned = [p for domain in DOMAINS for p in self.finetune_people[domain]]
+        return sorted(tuned + chosen)
+
     def knowledge_probes(self) -> list[KnowledgeProbe]:
         """Plain-text completions of every held-out fact, in a seeded order."""
         probes = [
@@ -308,6 +343,12 @@ class World:
         first, second = (value, wrong) if rng.random() < 0.5 else (wrong, value)
         return CHOICES[attribute].format(p=person, a=first, b=second)
 
+    def _passing_mentions(self, person: str, count: int) -> list[str]:
+        """``count`` filler sentences about ``person`` that state no fact."""
+        rng = random.Random(f"{self.seed}-mentions-{person}")
+        return [f"{person} {rng.choice(FILLER_VERBS)} {rng.choice(FILLER_OBJECTS)} ."
+                for _ in range(count)]
+
     @staticmethod
     def _filler_sentence(rng: random.Random) -> str:
         return (f"{rng.choice(FILLER_SUBJECTS)} {rng.choice(FILLER_VERBS)} "
@@ -319,12 +360,16 @@ def generate_world(
     n_people: int = 160,
     n_towns: int = 24,
     finetune_share: float = 0.3,
+    validation_share: float = 0.25,
 ) -> World:
     """A seeded world: people, towns and facts, and the people split by use.
 
     ``finetune_share`` of the people go to each domain's fine-tuning split
-    (disjoint across domains); the rest are held out from all fine-tuning.
+    (disjoint across domains); the rest are held out from all fine-tuning,
+    and ``validation_share`` of those are the validation people.
     """
+    if not 0.0 <= validation_share < 1.0:
+        raise ValueError(f"validation_share must be in [0, 1), got {validation_share}.")
     if n_people < 4 * len(DOMAINS):
         raise ValueError(f"n_people must be at least {4 * len(DOMAINS)}, got {n_people}.")
     if not 0 < finetune_share * len(DOMAINS) < 1:
@@ -357,7 +402,10 @@ def generate_world(
     heldout = sorted(shuffled[len(DOMAINS) * per_domain:])
     logger.info("World seed %d: %d people, %d towns, %d held out.",
                 seed, n_people, n_towns, len(heldout))
-    return World(seed, people, towns, facts, finetune_people, heldout)
+    # A separate generator, so that the facts and splits above stay the same.
+    count = round(validation_share * len(heldout))
+    validation = sorted(random.Random(f"{seed}-validation").sample(heldout, count))
+    return World(seed, people, towns, facts, finetune_people, heldout, validation)
 
 
 def _invent_names(rng: random.Random, count: int, reserved: set[str]) -> list[str]:

@@ -11,6 +11,8 @@
 * ``direct_<domain>/``: ``base`` fine-tuned on the same data, the upper
   reference of the experiments (never used for steering);
 * ``router/``: a cluster router fitted on calibration prompts (optional);
+* ``steering.json``: each domain's steering strength alpha, chosen on
+  validation prompts by the build (optional; 1.0 where absent);
 * ``hashes.json``: the sha256 of every file above.
 
 Weights are stored in float16 and loaded in the requested dtype.
@@ -68,11 +70,13 @@ class EmbeddedFamily:
 def load_embedded_family(
     folder: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
-    alpha: float = 1.0,
+    alpha: float | None = None,
     check_hashes: bool = False,
 ) -> EmbeddedFamily:
     """Load the shipped family (or a rebuilt one in ``folder``) in eval mode.
 
+    Every pair steers with ``alpha`` when given, else with its domain's alpha
+    in ``steering.json`` (1.0 when the build recorded none).
     Every pair's anti-expert is the same small model object, loaded once.
     With ``check_hashes`` the files are first compared with ``hashes.json``.
     """
@@ -96,6 +100,11 @@ def load_embedded_family(
     if not domains:
         raise FileNotFoundError(f"{folder} holds no expert_<domain> folder; rebuild it.")
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    alphas = {domain: 1.0 for domain in domains}
+    if (folder / "steering.json").is_file():
+        alphas.update(json.loads((folder / "steering.json").read_text())["alpha"])
+    if alpha is not None:
+        alphas = {domain: alpha for domain in domains}
     with _quiet_loading():
         base, _ = load_local(folder / "base", dtype=dtype)
         anti, _ = load_local(folder / "anti", dtype=dtype)
@@ -103,7 +112,7 @@ def load_embedded_family(
         direct_dirs = {}
         for domain in domains:
             expert, _ = load_local(folder / f"expert_{domain}", dtype=dtype)
-            pairs[domain] = ExpertPair(domain, expert, anti, alpha=alpha)
+            pairs[domain] = ExpertPair(domain, expert, anti, alpha=float(alphas[domain]))
             if (folder / f"direct_{domain}" / "config.json").is_file():
                 direct_dirs[domain] = folder / f"direct_{domain}"
 
