@@ -6,6 +6,7 @@ on quiz, fortune and WordNet files written in their real formats, with a
 randomly initialised three-layer Llama and its own small byte-level tokenizer.
 """
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ import quiz_eval as example_evaluate  # noqa: E402
 import run_all  # noqa: E402
 from quiz import (  # noqa: E402
     QuizItem, capital_items, expand_pattern, mentions_any, other_quiz_items, split_fields)
-from pair_training import IGNORE, answer_only_loss, truncated_copy  # noqa: E402
+from pair_training import (  # noqa: E402
+    IGNORE, answer_only_loss, distillation_loss, truncated_copy)
 
 from proxytune import PromptTemplate  # noqa: E402
 from proxytune.loading import load_local  # noqa: E402
@@ -186,6 +188,35 @@ def test_truncated_copy_equals_the_base_first_layers_then_norm_and_head(prepared
     assert small.model.embed_tokens.weight.data_ptr() != base.model.embed_tokens.weight.data_ptr()
 
 
+def test_truncated_copy_with_last_layers_runs_the_chosen_layers_in_order(prepared):
+    base, tokenizer = load_local(prepared[2])
+    small = truncated_copy(base, 2, last_layers=1)  # the base's layers 0 and 2 of 3
+    input_ids = torch.tensor([tokenizer.encode("What is the capital of Peru?")])
+    layer_by_layer = copy.deepcopy(base)
+    layer_by_layer.model.layers = torch.nn.ModuleList(
+        [layer_by_layer.model.layers[0], layer_by_layer.model.layers[2]])
+    layer_by_layer.config.num_hidden_layers = 2
+    for index, layer in enumerate(layer_by_layer.model.layers):
+        layer.self_attn.layer_idx = index
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids).logits, layer_by_layer(input_ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        truncated_copy(base, 2, last_layers=3)
+
+
+def test_distillation_loss_is_zero_against_itself_and_positive_otherwise(prepared):
+    model, _ = load_local(prepared[2])
+    other = truncated_copy(model, 2)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    with torch.no_grad():
+        assert distillation_loss(model, model, input_ids, attention_mask, labels).item() \
+            == pytest.approx(0.0, abs=1e-5)
+        assert distillation_loss(other, model, input_ids, attention_mask, labels).item() > 0
+
+
 def test_answer_only_loss_equals_the_full_loss_on_the_same_labels(prepared):
     model, _ = load_local(prepared[2])
     torch.manual_seed(1)
@@ -227,9 +258,9 @@ def test_whole_pipeline_on_a_stand_in_model(prepared, tmp_path):
     test_items = example_data.load_items(data_dir / "capitals_test.jsonl")
     prose = [row["text"] for row in example_data.read_jsonl(data_dir / "prose.jsonl")]
     settings = run_all.Settings(
-        anti_layers=1, prose_token_budget=400, prose_max_tokens=32, expert_epochs=3,
-        direct_epochs=2, batch_size=4, shots=2, validation_questions=2, alphas="0.5,1.0",
-        eval_batch_size=3, max_new_tokens=4,
+        anti_layers=2, anti_last_layers=1, distill_items=6, prose_token_budget=400,
+        prose_max_tokens=32, expert_epochs=3, direct_epochs=2, batch_size=4, shots=2,
+        validation_questions=2, alphas="0.5,1.0", eval_batch_size=3, max_new_tokens=4,
     )
     results_dir = tmp_path / "results"
     other_items = example_data.load_items(data_dir / "other_quizzes.jsonl")

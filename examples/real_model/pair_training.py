@@ -1,8 +1,9 @@
 """Building and training the small expert pair and the directly tuned base.
 
-* anti-expert: the base's first ``k`` decoder layers, kept with its final
-  norm and (tied) output layer, re-trained briefly on real prose so that it is
-  a working small LM sharing the base's tokenizer;
+* anti-expert: some of the base's decoder layers (its first and last ones),
+  kept with its final norm and (tied) output layer, then distilled from the
+  base (or trained on prose) so that it is a working small LM sharing the
+  base's tokenizer;
 * expert: that anti-expert fine-tuned on the training examples in chat form;
 * directly tuned base: a copy of the base fine-tuned on the same examples.
 
@@ -29,24 +30,36 @@ logger = logging.getLogger(__name__)
 IGNORE = -100
 
 
-def truncated_copy(base, num_layers: int):
-    """A new model made of the base's first ``num_layers`` layers, norm and output layer.
+def truncated_copy(base, num_layers: int, last_layers: int = 0):
+    """A new model made of ``num_layers`` of the base's decoder layers, its norm and output layer.
 
-    The base is not modified; the copy shares no tensors with it.
+    The kept layers are the base's first ``num_layers - last_layers`` and its
+    last ``last_layers``, in order: the last layers map the residual stream to
+    the output layer's space, so such a model starts much closer to the base
+    than its first layers alone.  The base is not modified; the copy shares no
+    tensors with it.
     """
     total = base.config.num_hidden_layers
     if not 0 < num_layers <= total:
         raise ValueError(f"num_layers must be in 1..{total}, got {num_layers}.")
+    if not 0 <= last_layers <= num_layers:
+        raise ValueError(f"last_layers must be in 0..{num_layers}, got {last_layers}.")
+    kept_layers = list(range(num_layers - last_layers)) + list(range(total - last_layers, total))
+    new_index = {old: new for new, old in enumerate(kept_layers)}
     config = copy.deepcopy(base.config)
     config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None) is not None:
-        config.layer_types = config.layer_types[:num_layers]
+        config.layer_types = [config.layer_types[old] for old in kept_layers]
     small = type(base)(config)
-    kept = {
-        name: tensor
-        for name, tensor in base.state_dict().items()
-        if not name.startswith("model.layers.") or int(name.split(".")[2]) < num_layers
-    }
+    kept = {}
+    for name, tensor in base.state_dict().items():
+        if name.startswith("model.layers."):
+            parts = name.split(".")
+            if int(parts[2]) not in new_index:
+                continue
+            parts[2] = str(new_index[int(parts[2])])
+            name = ".".join(parts)
+        kept[name] = tensor
     missing, unexpected = small.load_state_dict(kept, strict=False)
     missing = [name for name in missing if name != "lm_head.weight"]  # tied to the embedding
     if missing or unexpected:
@@ -78,6 +91,45 @@ def answer_only_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets[keep])
 
 
+def _kept_logits(model, input_ids, attention_mask, keep) -> torch.Tensor:
+    """``(N, V)`` float logits at the ``(B, T-1)`` positions ``keep`` (position t predicts t+1)."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+    return model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep]).float()
+
+
+def distillation_loss(model, teacher, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Mean KL(teacher || model) of the next-token distributions at the kept positions.
+
+    ``teacher`` (the frozen base) runs without gradients on the same tokens; the
+    full vocabulary is matched, not only the token that follows.
+    """
+    keep = labels[:, 1:] != IGNORE
+    logits = _kept_logits(model, input_ids, attention_mask, keep)
+    with torch.no_grad():
+        teacher_logits = _kept_logits(teacher, input_ids, attention_mask, keep)
+    return F.kl_div(logits.log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True,
+                    reduction="batchmean")
+
+
+def anchored_answer_loss(model, reference, weight, input_ids, attention_mask, labels):
+    """Answer-token cross-entropy plus ``weight`` times KL(reference || model) there.
+
+    The KL keeps the tuned model's distribution at each answer position close to
+    the untuned ``reference``'s (the anti-expert), so tuning moves probability
+    towards the target without collapsing onto one confident guess.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    logits = _kept_logits(model, input_ids, attention_mask, keep)
+    loss = F.cross_entropy(logits, targets[keep])
+    if weight:
+        with torch.no_grad():
+            reference_logits = _kept_logits(reference, input_ids, attention_mask, keep)
+        loss = loss + weight * F.kl_div(logits.log_softmax(-1), reference_logits.log_softmax(-1),
+                                        log_target=True, reduction="batchmean")
+    return loss
+
+
 def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
     """Right-pad ``(ids, labels)`` pairs into ``(B, T)`` tensors with a mask."""
     width = max(len(ids) for ids, _ in examples)
@@ -107,6 +159,40 @@ def prose_examples(tokenizer, documents: list[str], max_tokens: int,
     return examples
 
 
+def distillation_examples(tokenizer, template, items, shots) -> list[tuple[list[int], list[int]]]:
+    """Each item as a chat exchange and as a few-shot ``Q: ... A: ...`` text, fully labelled.
+
+    The anti-expert learns the base's next-token distributions on the two
+    prompt forms it will read at evaluation, at every position.
+    """
+    from quiz_eval import few_shot_text  # here, so that training needs no evaluation module
+
+    examples = []
+    eos = tokenizer.eos_token_id
+    for item in items:
+        prompt = template.wrap(tokenizer.encode(item.question, add_special_tokens=False))
+        chat = prompt + tokenizer.encode(item.answer, add_special_tokens=False) + [eos]
+        few_shot = tokenizer.encode(few_shot_text(shots, item.question) + f" {item.answer}",
+                                    add_special_tokens=False)
+        examples += [(chat, chat), (few_shot, few_shot)]
+    return examples
+
+
+def few_shot_examples(tokenizer, items, shots) -> list[tuple[list[int], list[int]]]:
+    """Each item as the few-shot prompt followed by `` answer`` and a blank line.
+
+    Only the answer and the line break after it are labelled.
+    """
+    from quiz_eval import few_shot_text
+
+    examples = []
+    for item in items:
+        prompt = tokenizer.encode(few_shot_text(shots, item.question), add_special_tokens=False)
+        answer = tokenizer.encode(f" {item.answer}\n\n", add_special_tokens=False)
+        examples.append((prompt + answer, [IGNORE] * len(prompt) + answer))
+    return examples
+
+
 def chat_examples(tokenizer, template, items) -> list[tuple[list[int], list[int]]]:
     """``template``-wrapped question followed by the answer and end-of-turn.
 
@@ -122,10 +208,13 @@ def chat_examples(tokenizer, template, items) -> list[tuple[list[int], list[int]
 
 
 def train(model, examples, *, epochs: float, batch_size: int, lr: float, pad_id: int,
-          seed: int = 0, description: str = "train") -> dict:
+          seed: int = 0, description: str = "train", teacher=None, reference=None,
+          reference_weight: float = 0.0) -> dict:
     """AdamW with linear warm-up and cosine decay over ``examples``; returns a log.
 
-    The loss is :func:`answer_only_loss`.
+    The loss is :func:`answer_only_loss`; with a ``teacher``, it is
+    :func:`distillation_loss` instead; with a ``reference`` and a positive
+    ``reference_weight``, :func:`anchored_answer_loss`.
     Batches group examples of similar length to waste little on padding.
     Changes ``model`` in place and leaves it in eval mode.
     """
@@ -160,7 +249,13 @@ def train(model, examples, *, epochs: float, batch_size: int, lr: float, pad_id:
             if step >= total_steps:
                 break
             input_ids, attention_mask, labels = pad_batch([examples[i] for i in batch], pad_id)
-            loss = answer_only_loss(model, input_ids, attention_mask, labels)
+            if teacher is not None:
+                loss = distillation_loss(model, teacher, input_ids, attention_mask, labels)
+            elif reference is not None and reference_weight > 0:
+                loss = anchored_answer_loss(model, reference, reference_weight, input_ids,
+                                            attention_mask, labels)
+            else:
+                loss = answer_only_loss(model, input_ids, attention_mask, labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()

@@ -115,6 +115,33 @@ def select_proxy_setting(proxy, tokenizer, template, validation_items, shots, al
     return {"prompt": best["prompt"], "alpha": best["alpha"]}, grid
 
 
+def base_on_validation(base, tokenizer, template, validation_items, shots, *,
+                       batch_size: int, max_new_tokens: int) -> dict[str, float]:
+    """The base alone's exact match on ``validation_items`` per prompt kind (for reading)."""
+    scores = {}
+    for kind in PROMPT_KINDS:
+        answers = generate_texts(base.generate, tokenizer,
+                                 build_prompts(kind, tokenizer, template, validation_items, shots),
+                                 batch_size=batch_size, max_new_tokens=max_new_tokens)
+        scores[kind] = exact_match(validation_items, answers)
+    return scores
+
+
+def validate_only(base, expert, anti_expert, tokenizer, template, shots, validation_items,
+                  alphas, *, batch_size: int = 16, max_new_tokens: int = 12) -> dict:
+    """The proxy grid and the base alone on ``validation_items``; no test question is read."""
+    proxy = ProxyTunedModel(base, [ExpertPair("capitals", expert, anti_expert)],
+                            tokenizer=tokenizer)
+    started = time.perf_counter()
+    chosen, grid = select_proxy_setting(proxy, tokenizer, template, validation_items, shots,
+                                        alphas, batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens)
+    base_scores = base_on_validation(base, tokenizer, template, validation_items, shots,
+                                     batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return {"chosen": chosen, "grid": grid, "base_alone_validation_exact_match": base_scores,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
 def evaluate_all(base, expert, anti_expert, direct, tokenizer, template, test_items, shots,
                  validation_items, alphas, *, batch_size: int = 16,
                  max_new_tokens: int = 12) -> tuple[dict[str, ConditionResult], dict]:
@@ -125,19 +152,11 @@ def evaluate_all(base, expert, anti_expert, direct, tokenizer, template, test_it
     """
     proxy = ProxyTunedModel(base, [ExpertPair("capitals", expert, anti_expert)],
                             tokenizer=tokenizer)
-    started = time.perf_counter()
-    chosen, grid = select_proxy_setting(proxy, tokenizer, template, validation_items, shots,
-                                        alphas, batch_size=batch_size,
-                                        max_new_tokens=max_new_tokens)
-    base_on_validation = {}  # for reading the grid, not for choosing
-    for kind in PROMPT_KINDS:
-        answers = generate_texts(base.generate, tokenizer,
-                                 build_prompts(kind, tokenizer, template, validation_items, shots),
-                                 batch_size=batch_size, max_new_tokens=max_new_tokens)
-        base_on_validation[kind] = exact_match(validation_items, answers)
-    selection = {"chosen": chosen, "grid": grid,
-                 "base_alone_validation_exact_match": base_on_validation,
-                 "seconds": round(time.perf_counter() - started, 1)}
+    # The base's validation scores in the selection are for reading only.
+    selection = validate_only(base, expert, anti_expert, tokenizer, template, shots,
+                              validation_items, alphas, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens)
+    chosen = selection["chosen"]
     prompt_names = {"chat": "chat template", "few_shot": f"{len(shots)}-shot prompt"}
 
     def prompts(kind):

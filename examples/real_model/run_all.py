@@ -38,8 +38,11 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from quiz import mentions_any  # noqa: E402
 from quiz_data import load_items, prepare_data, read_jsonl  # noqa: E402
-from quiz_eval import evaluate_all, markdown_table, plot_results, summary  # noqa: E402
-from pair_training import chat_examples, prose_examples, train, truncated_copy  # noqa: E402
+from quiz_eval import (  # noqa: E402
+    evaluate_all, markdown_table, plot_results, summary, validate_only)
+from pair_training import (  # noqa: E402
+    chat_examples, distillation_examples, few_shot_examples, prose_examples, train,
+    truncated_copy)
 
 from proxytune import PromptTemplate  # noqa: E402
 from proxytune.loading import load_gguf, load_local  # noqa: E402
@@ -52,21 +55,25 @@ logger = logging.getLogger("real_model")
 class Settings:
     """Every knob of the run; the defaults are the documented full run."""
 
-    anti_layers: int = 6
+    anti_layers: int = 8
+    anti_last_layers: int = 6
     prose_documents: int = 4000
-    prose_token_budget: int = 30000
+    prose_token_budget: int = 5000
     prose_max_tokens: int = 96
     prose_epochs: float = 1.0
     prose_lr: float = 5e-4
+    distill_items: int = 200
     extra_questions: int = 300
-    expert_epochs: float = 2.0
-    expert_lr: float = 3e-4
+    expert_epochs: float = 1.0
+    expert_lr: float = 1e-3
+    expert_anchor: float = 0.0
+    expert_forms: str = "chat,few_shot"
     direct_epochs: float = 1.0
     direct_lr: float = 3e-5
     batch_size: int = 8
     shots: int = 3
     validation_questions: int = 37
-    alphas: str = "0.25,0.5,1.0"
+    alphas: str = "0.25,0.5,1.0,2.0"
     eval_batch_size: int = 16
     max_new_tokens: int = 12
     seed: int = 0
@@ -130,7 +137,7 @@ def trained_model(folder: Path, build_and_train, retrain: bool, recipe: dict):
 
 def run_pipeline(base, tokenizer, train_items, test_items, prose_documents, settings: Settings,
                  work_dir: Path, results_dir: Path, timer: Timer, retrain: bool = False,
-                 title: str = "", other_items=()) -> dict:
+                 title: str = "", other_items=(), validation_only: bool = False) -> dict:
     """Train the pair and the direct copy, evaluate, and write the results.
 
     The expert and the direct copy learn from the same examples: the training
@@ -139,6 +146,9 @@ def run_pipeline(base, tokenizer, train_items, test_items, prose_documents, sett
     test place or capital.
 
     ``base`` is never trained: its weights digest is taken before and after.
+    With ``validation_only``, the direct copy is not trained and no test
+    question is decoded: the proxy grid and the base are scored on the
+    validation questions and written to ``results_dir/validation.json``.
     Returns the report that is also written to ``results_dir/results.json``.
     """
     torch.manual_seed(settings.seed)
@@ -155,29 +165,50 @@ def run_pipeline(base, tokenizer, train_items, test_items, prose_documents, sett
                    if not mentions_any(item, validation_items + list(test_items))]
     random.Random(settings.seed).shuffle(extra_items)
     extra_items = extra_items[: settings.extra_questions]
-    examples = chat_examples(tokenizer, template, fit_items + extra_items)
+    shots = fit_items[: settings.shots]
+    forms = settings.expert_forms.split(",")
+    if not forms or set(forms) - {"chat", "few_shot"}:
+        raise ValueError("expert_forms must name chat and/or few_shot, comma-separated.")
+    examples = []
+    if "chat" in forms:
+        examples += chat_examples(tokenizer, template, fit_items + extra_items)
+    if "few_shot" in forms:
+        examples += few_shot_examples(tokenizer, fit_items + extra_items, shots)
     alphas = [float(alpha) for alpha in settings.alphas.split(",")]
-    data_recipe = {"fit_questions": [item.question for item in fit_items + extra_items]}
+    data_recipe = {"fit_questions": [item.question for item in fit_items + extra_items],
+                   "forms": forms, "shots": settings.shots}
     anti_recipe = {key: getattr(settings, key) for key in (
-        "anti_layers", "prose_documents", "prose_token_budget", "prose_max_tokens",
-        "prose_epochs", "prose_lr", "batch_size", "seed")}
+        "anti_layers", "anti_last_layers", "prose_documents", "prose_token_budget",
+        "prose_max_tokens", "prose_epochs", "prose_lr", "distill_items", "batch_size", "seed")}
     anti_recipe["prose"] = hashlib.sha256("\n".join(prose_documents).encode()).hexdigest()
+    # The distillation texts include the few-shot form, so the shot count is part of it.
+    anti_recipe["shots"] = settings.shots
+    anti_recipe["distill_questions"] = data_recipe["fit_questions"][: settings.distill_items]
     expert_recipe = {**anti_recipe, **data_recipe, "expert_epochs": settings.expert_epochs,
-                     "expert_lr": settings.expert_lr}
+                     "expert_lr": settings.expert_lr, "expert_anchor": settings.expert_anchor}
     direct_recipe = {**data_recipe, "direct_epochs": settings.direct_epochs,
                      "direct_lr": settings.direct_lr, "batch_size": settings.batch_size,
                      "seed": settings.seed}
 
     def build_anti_expert():
-        anti = truncated_copy(base, settings.anti_layers)
+        anti = truncated_copy(base, settings.anti_layers, settings.anti_last_layers)
         prose = prose_examples(tokenizer, prose_documents, settings.prose_max_tokens,
                                settings.prose_token_budget)
-        log = train(anti, prose, epochs=settings.prose_epochs, batch_size=settings.batch_size,
-                    lr=settings.prose_lr, pad_id=pad_id, seed=settings.seed,
-                    description="anti-expert on prose")
+        if settings.distill_items <= 0:  # plain language modelling on the prose
+            log = train(anti, prose, epochs=settings.prose_epochs,
+                        batch_size=settings.batch_size, lr=settings.prose_lr, pad_id=pad_id,
+                        seed=settings.seed, description="anti-expert on prose")
+            return anti, log
+        # Distilled from the base: its next-token distributions on the prose and on
+        # training items in both prompt forms (never a validation or test item).
+        distill_items = (fit_items + extra_items)[: settings.distill_items]
+        texts = prose + distillation_examples(tokenizer, template, distill_items, shots)
+        log = train(anti, texts, epochs=settings.prose_epochs, batch_size=settings.batch_size,
+                    lr=settings.prose_lr, pad_id=pad_id, seed=settings.seed, teacher=base,
+                    description="anti-expert distilled from the base")
         return anti, log
 
-    with timer("train anti-expert (first layers, on prose)"):
+    with timer("train anti-expert (base layers, distilled from the base)"):
         anti_expert, anti_log = trained_model(models_dir / "anti_expert", build_anti_expert,
                                               retrain, anti_recipe)
 
@@ -185,7 +216,8 @@ def run_pipeline(base, tokenizer, train_items, test_items, prose_documents, sett
         expert = copy.deepcopy(anti_expert)
         log = train(expert, examples, epochs=settings.expert_epochs,
                     batch_size=settings.batch_size, lr=settings.expert_lr, pad_id=pad_id,
-                    seed=settings.seed, description="expert on capitals")
+                    seed=settings.seed, description="expert on capitals",
+                    reference=anti_expert, reference_weight=settings.expert_anchor)
         return expert, log
 
     with timer("train expert (anti-expert on capitals)"):
@@ -199,11 +231,23 @@ def run_pipeline(base, tokenizer, train_items, test_items, prose_documents, sett
                     seed=settings.seed, description="base on capitals")
         return direct, log
 
+    if validation_only:  # choose on validation, decode no test question
+        with timer("validate (proxy grid and base on validation)"):
+            selection = validate_only(base, expert, anti_expert, tokenizer, template, shots,
+                                      validation_items, alphas,
+                                      batch_size=settings.eval_batch_size,
+                                      max_new_tokens=settings.max_new_tokens)
+        report = {"validation": selection, "settings": dataclasses.asdict(settings),
+                  "training": {"anti_expert": anti_log, "expert": expert_log},
+                  "timings_s": timer.seconds}
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
     with timer("train directly tuned base"):
         direct, direct_log = trained_model(models_dir / "direct_tuned", build_direct, retrain,
                                            direct_recipe)
 
-    shots = fit_items[: settings.shots]
     with timer("evaluate (choose proxy prompt and alpha on validation, then test)"):
         results, selection = evaluate_all(
             base, expert, anti_expert, direct, tokenizer, template, test_items, shots,
@@ -255,6 +299,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--work-dir", type=Path, default=Path(cache_root) / "real_model")
     parser.add_argument("--results-dir", type=Path, default=HERE / "results")
     parser.add_argument("--retrain", action="store_true", help="ignore saved trained models")
+    parser.add_argument("--validation-only", action="store_true",
+                        help="train the pair and score it on the validation questions only "
+                             "(no direct copy, no test question decoded)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: OMP_NUM_THREADS or torch's choice)")
     for settings_field in dataclasses.fields(Settings):
@@ -289,7 +336,10 @@ def main(argv=None) -> dict:
     report = run_pipeline(base, tokenizer, train_items, test_items, prose, settings,
                           args.work_dir, args.results_dir, timer, retrain=args.retrain,
                           title="SmolLM2-135M-Instruct (GGUF Q4_1) on held-out capital questions",
-                          other_items=other_items)
+                          other_items=other_items, validation_only=args.validation_only)
+    if args.validation_only:
+        print(json.dumps(report["validation"], indent=2))
+        return report
     report["data"] = counts
     files_after = {str(path): file_digest(path) for path in base_files if path.is_file()}
     report["base_files_sha256"] = {"before": files_before, "after": files_after,
