@@ -33,10 +33,10 @@ DEMO_TOKENS = 8
 
 
 def demo_examples(world, per_domain: int = 3, seed: int = 0):
-    """A fixed, shuffled handful of held-out prompts from every domain."""
+    """A fixed, shuffled handful of test prompts (held-out people) from every domain."""
     rng = random.Random(f"demo-{seed}")
     examples = [e for d in DOMAINS
-                for e in rng.sample(world.chat_examples(d, "heldout"), per_domain)]
+                for e in rng.sample(world.chat_examples(d, "test"), per_domain)]
     rng.shuffle(examples)
     return examples
 
