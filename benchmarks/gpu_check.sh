@@ -15,7 +15,11 @@ mkdir -p "$out_dir"
 out_dir=$(cd "$out_dir" && pwd)
 cd "$(dirname "$0")/.."
 log="$out_dir/gpu_check.log"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The kernels folder installs as the package proxytune_kernels; without an
+# install, a link of that name on PYTHONPATH stands in for it.
+shim=$(mktemp -d)
+ln -s "$PWD/kernels" "$shim/proxytune_kernels"
+export PYTHONPATH="$PWD:$shim${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0 PROXYTUNE_SAMPLER=auto TOKENIZERS_PARALLELISM=false
 
 {
