@@ -7,6 +7,7 @@ randomly initialised three-layer Llama and its own small byte-level tokenizer.
 """
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ import run_all  # noqa: E402
 from quiz import (  # noqa: E402
     QuizItem, capital_items, expand_pattern, mentions_any, other_quiz_items, split_fields)
 from pair_training import (  # noqa: E402
-    IGNORE, answer_only_loss, distillation_loss, truncated_copy)
+    IGNORE, answer_only_loss, distillation_loss, through_base_loss, truncated_copy)
 
 from proxytune import PromptTemplate  # noqa: E402
 from proxytune.loading import load_local  # noqa: E402
@@ -249,13 +250,19 @@ def proxy_greedy_reference(base, expert, anti_expert, prompt_ids, alpha, max_new
     return new
 
 
-def test_whole_pipeline_on_a_stand_in_model(prepared, tmp_path):
+def frozen_stand_in_and_split(prepared):
+    """(frozen stand-in base, its tokenizer, training items, test items)."""
     work_dir, _, stand_in = prepared
     base, tokenizer = load_local(stand_in)
     base.requires_grad_(False)
     data_dir = work_dir / "data"
-    train_items = example_data.load_items(data_dir / "capitals_train.jsonl")
-    test_items = example_data.load_items(data_dir / "capitals_test.jsonl")
+    return (base, tokenizer, example_data.load_items(data_dir / "capitals_train.jsonl"),
+            example_data.load_items(data_dir / "capitals_test.jsonl"))
+
+
+def test_whole_pipeline_on_a_stand_in_model(prepared, tmp_path):
+    base, tokenizer, train_items, test_items = frozen_stand_in_and_split(prepared)
+    data_dir = prepared[0] / "data"
     prose = [row["text"] for row in example_data.read_jsonl(data_dir / "prose.jsonl")]
     settings = run_all.Settings(
         anti_layers=2, anti_last_layers=1, distill_items=6, prose_token_budget=400,
@@ -311,3 +318,49 @@ def test_whole_pipeline_on_a_stand_in_model(prepared, tmp_path):
 def test_share_of_gap_closed():
     assert example_evaluate.share_of_gap_closed(0.2, 0.5, 0.8) == pytest.approx(0.5)
     assert example_evaluate.share_of_gap_closed(0.4, 0.5, 0.4) is None
+
+
+def test_through_base_loss_starts_at_the_base_loss_and_trains_only_the_expert(prepared):
+    base, _ = load_local(prepared[2])
+    base.requires_grad_(False)
+    anti = truncated_copy(base, 2)
+    anti.requires_grad_(False)
+    expert = copy.deepcopy(anti).requires_grad_(True)
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, base.config.vocab_size, (2, 8))
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[:, :5] = IGNORE
+
+    loss = through_base_loss(expert, anti, base, 1.0, input_ids, attention_mask, labels)
+    with torch.no_grad():  # expert == anti-expert: the steered base is the base
+        expected = answer_only_loss(base, input_ids, attention_mask, labels)
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
+
+    loss.backward()
+    assert all(p.grad is None for p in list(base.parameters()) + list(anti.parameters()))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in expert.parameters())
+
+
+def test_validation_only_run_with_an_expert_tuned_through_the_base(prepared, tmp_path):
+    base, tokenizer, train_items, test_items = frozen_stand_in_and_split(prepared)
+    settings = run_all.Settings(
+        anti_layers=2, anti_last_layers=1, distill_items=4, prose_token_budget=200,
+        prose_max_tokens=32, expert_epochs=2, batch_size=4, shots=2, validation_questions=2,
+        alphas="1.0", eval_batch_size=3, max_new_tokens=3, expert_objective="through_base",
+    )
+    digest = run_all.weights_digest(base)
+    report = run_all.run_pipeline(base, tokenizer, train_items, test_items, [], settings,
+                                  tmp_path / "work", tmp_path / "results", run_all.Timer(),
+                                  validation_only=True)
+
+    assert run_all.weights_digest(base) == digest
+    assert report["training"]["expert"]["recipe"]["expert_objective"] == "through_base"
+    assert len(report["validation"]["grid"]) == 2  # chat and few-shot at alpha 1
+    assert not (tmp_path / "work" / "models" / "direct_tuned").exists()
+
+    with pytest.raises(ValueError, match="expert_objective"):
+        run_all.run_pipeline(base, tokenizer, train_items, test_items, [],
+                             dataclasses.replace(settings, expert_objective="joint"),
+                             tmp_path / "work", tmp_path / "results", run_all.Timer(),
+                             validation_only=True)

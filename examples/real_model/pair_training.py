@@ -4,7 +4,8 @@
   kept with its final norm and (tied) output layer, then distilled from the
   base (or trained on prose) so that it is a working small LM sharing the
   base's tokenizer;
-* expert: that anti-expert fine-tuned on the training examples in chat form;
+* expert: that anti-expert fine-tuned on the training examples (by itself,
+  or through the frozen base: see :func:`through_base_loss`);
 * directly tuned base: a copy of the base fine-tuned on the same examples.
 
 Every model keeps its token embedding (which is also its output layer)
@@ -130,6 +131,34 @@ def anchored_answer_loss(model, reference, weight, input_ids, attention_mask, la
     return loss
 
 
+def through_base_loss(model, anti_expert, base, alpha, input_ids, attention_mask, labels,
+                      anchor: float = 0.0):
+    """Answer-token cross-entropy of the proxy-tuned base, trained through the expert only.
+
+    The logits scored are ``base + alpha * (model - anti_expert)``, the very
+    combination that decoding uses, with the base and the anti-expert frozen.
+    At the start the expert equals the anti-expert, so the loss is the base's
+    own; its gradient is then large only where the steered base answers
+    wrongly, so the expert learns corrections to the base instead of what a
+    small model would guess alone.  A positive
+    ``anchor`` adds that times KL(anti-expert || expert) at the same positions,
+    which keeps the offset near zero where the base needs no correction.
+    """
+    keep = labels[:, 1:] != IGNORE
+    expert_logits = _kept_logits(model, input_ids, attention_mask, keep)
+    with torch.no_grad():
+        anti_logits = _kept_logits(anti_expert, input_ids, attention_mask, keep)
+        base_logits = _kept_logits(base, input_ids, attention_mask, keep)
+    steered = base_logits.log_softmax(-1) + alpha * (expert_logits.log_softmax(-1)
+                                                     - anti_logits.log_softmax(-1))
+    loss = F.cross_entropy(steered, labels[:, 1:][keep])
+    if anchor:
+        loss = loss + anchor * F.kl_div(expert_logits.log_softmax(-1),
+                                        anti_logits.log_softmax(-1), log_target=True,
+                                        reduction="batchmean")
+    return loss
+
+
 def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
     """Right-pad ``(ids, labels)`` pairs into ``(B, T)`` tensors with a mask."""
     width = max(len(ids) for ids, _ in examples)
@@ -209,12 +238,13 @@ def chat_examples(tokenizer, template, items) -> list[tuple[list[int], list[int]
 
 def train(model, examples, *, epochs: float, batch_size: int, lr: float, pad_id: int,
           seed: int = 0, description: str = "train", teacher=None, reference=None,
-          reference_weight: float = 0.0) -> dict:
+          reference_weight: float = 0.0, steered_base=None, steer_alpha: float = 1.0) -> dict:
     """AdamW with linear warm-up and cosine decay over ``examples``; returns a log.
 
     The loss is :func:`answer_only_loss`; with a ``teacher``, it is
     :func:`distillation_loss` instead; with a ``reference`` and a positive
-    ``reference_weight``, :func:`anchored_answer_loss`.
+    ``reference_weight``, :func:`anchored_answer_loss`; with a ``reference``
+    (the anti-expert) and a ``steered_base``, :func:`through_base_loss`.
     Batches group examples of similar length to waste little on padding.
     Changes ``model`` in place and leaves it in eval mode.
     """
@@ -251,6 +281,10 @@ def train(model, examples, *, epochs: float, batch_size: int, lr: float, pad_id:
             input_ids, attention_mask, labels = pad_batch([examples[i] for i in batch], pad_id)
             if teacher is not None:
                 loss = distillation_loss(model, teacher, input_ids, attention_mask, labels)
+            elif steered_base is not None:
+                loss = through_base_loss(model, reference, steered_base, steer_alpha,
+                                         input_ids, attention_mask, labels,
+                                         anchor=reference_weight)
             elif reference is not None and reference_weight > 0:
                 loss = anchored_answer_loss(model, reference, reference_weight, input_ids,
                                             attention_mask, labels)

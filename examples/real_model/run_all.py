@@ -68,6 +68,8 @@ class Settings:
     expert_lr: float = 1e-3
     expert_anchor: float = 0.0
     expert_forms: str = "chat,few_shot"
+    expert_objective: str = "alone"
+    expert_steer_alpha: float = 1.0
     direct_epochs: float = 1.0
     direct_lr: float = 3e-5
     batch_size: int = 8
@@ -174,6 +176,9 @@ def run_pipeline(base, tokenizer, train_items, test_items, prose_documents, sett
         examples += chat_examples(tokenizer, template, fit_items + extra_items)
     if "few_shot" in forms:
         examples += few_shot_examples(tokenizer, fit_items + extra_items, shots)
+    if settings.expert_objective not in ("alone", "through_base"):
+        raise ValueError("expert_objective must be 'alone' (the expert learns the answers by "
+                         "itself) or 'through_base' (it learns the proxy-tuned base's answers).")
     alphas = [float(alpha) for alpha in settings.alphas.split(",")]
     data_recipe = {"fit_questions": [item.question for item in fit_items + extra_items],
                    "forms": forms, "shots": settings.shots}
@@ -186,6 +191,9 @@ def run_pipeline(base, tokenizer, train_items, test_items, prose_documents, sett
     anti_recipe["distill_questions"] = data_recipe["fit_questions"][: settings.distill_items]
     expert_recipe = {**anti_recipe, **data_recipe, "expert_epochs": settings.expert_epochs,
                      "expert_lr": settings.expert_lr, "expert_anchor": settings.expert_anchor}
+    if settings.expert_objective != "alone":  # older caches stay valid for the default
+        expert_recipe.update(expert_objective=settings.expert_objective,
+                             expert_steer_alpha=settings.expert_steer_alpha)
     direct_recipe = {**data_recipe, "direct_epochs": settings.direct_epochs,
                      "direct_lr": settings.direct_lr, "batch_size": settings.batch_size,
                      "seed": settings.seed}
@@ -217,7 +225,9 @@ def run_pipeline(base, tokenizer, train_items, test_items, prose_documents, sett
         log = train(expert, examples, epochs=settings.expert_epochs,
                     batch_size=settings.batch_size, lr=settings.expert_lr, pad_id=pad_id,
                     seed=settings.seed, description="expert on capitals",
-                    reference=anti_expert, reference_weight=settings.expert_anchor)
+                    reference=anti_expert, reference_weight=settings.expert_anchor,
+                    steered_base=base if settings.expert_objective == "through_base" else None,
+                    steer_alpha=settings.expert_steer_alpha)
         return expert, log
 
     with timer("train expert (anti-expert on capitals)"):
