@@ -11,10 +11,12 @@
 2. builds the per-row steering plan (given by the caller, or routed);
 3. opens one stream per model of each pair, over the rows routed to that
    pair only, each with its own prompt template, cache and position ids;
-4. per step: fuses the base logits with the pairs' offsets and picks the
-   next token at the sampling dispatch point;
-5. appends the token to every stream, checks the stopping criteria (the one
-   host synchronisation per step), streams it, and runs each model one step.
+4. per step: checks every model's logits for NaN, fuses the base logits
+   with the pairs' offsets and picks the next token at the sampling dispatch
+   point (the kernel path flags NaN on the device and reads the flag after
+   the kernels are queued, so the host waits once per step, not twice);
+5. appends the token to every stream, checks the stopping criteria, streams
+   it, and runs each model one step.
 """
 
 from __future__ import annotations
@@ -341,6 +343,18 @@ def _row_seeds(seed, batch_size, device) -> torch.Tensor | None:
     return seeds.to(device)
 
 
+def _any_nan(base_logits: torch.Tensor, pair_streams) -> torch.Tensor:
+    """A 0-d bool tensor on the base's device: does any model's last logits hold NaN?
+
+    Computed on the device without waiting for it, so the kernel path can read
+    it after the kernels have been queued.
+    """
+    flags = [torch.isnan(base_logits).any()]
+    for streams, _ in pair_streams:
+        flags += [torch.isnan(stream.logits).any().to(base_logits.device) for stream in streams]
+    return torch.stack(flags).any()
+
+
 def _raise_if_not_finite(base_logits: torch.Tensor, pair_streams) -> None:
     """Name the first model whose last logits hold NaN (costs one host sync each)."""
     named_logits = {"base": base_logits}
@@ -468,6 +482,8 @@ def decode(
             offset.anti_logits = streams[1].logits.to(device) if len(streams) > 1 else None
         if backend == "torch":
             _raise_if_not_finite(base_logits, pair_streams)
+        else:  # flagged now, read once the kernels are queued (one wait per step)
+            nan_seen = _any_nan(base_logits, pair_streams)
 
         selection = select_next_tokens(
             base_logits, [offset for _, offset in pair_streams], vocab_size, input_ids,
@@ -475,6 +491,8 @@ def decode(
             return_scores=want_scores, return_logits=want_logits,
         )
         next_tokens = selection.tokens
+        if backend == "triton" and nan_seen:  # before any token of this step is kept
+            _raise_if_not_finite(base_logits, pair_streams)
         if want_scores:
             scores.append(selection.scores)
         if want_logits:
@@ -502,10 +520,6 @@ def decode(
             for stream in streams:
                 stream.step(next_tokens)
 
-    if backend == "triton":
-        # TODO: the kernels should flag NaN rows as they read them; until then the
-        # kernel path checks only the last step, to keep the loop free of syncs.
-        _raise_if_not_finite(base_logits, pair_streams)
     if streamer is not None:
         streamer.end()
 
