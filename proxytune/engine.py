@@ -14,7 +14,8 @@
 4. per step: checks every model's logits for NaN, fuses the base logits
    with the pairs' offsets and picks the next token at the sampling dispatch
    point (the kernel path flags NaN on the device and reads the flag after
-   the kernels are queued, so the host waits once per step, not twice);
+   the kernels are queued, so the host still waits for the device about
+   once per step);
 5. appends the token to every stream, checks the stopping criteria, streams
    it, and runs each model one step.
 """
