@@ -98,6 +98,12 @@ def _kept_logits(model, input_ids, attention_mask, keep) -> torch.Tensor:
     return model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep]).float()
 
 
+def _kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(reference || model) over the rows of two ``(N, V)`` logit tensors."""
+    return F.kl_div(logits.log_softmax(-1), reference_logits.log_softmax(-1), log_target=True,
+                    reduction="batchmean")
+
+
 def distillation_loss(model, teacher, input_ids, attention_mask, labels) -> torch.Tensor:
     """Mean KL(teacher || model) of the next-token distributions at the kept positions.
 
@@ -108,8 +114,7 @@ def distillation_loss(model, teacher, input_ids, attention_mask, labels) -> torc
     logits = _kept_logits(model, input_ids, attention_mask, keep)
     with torch.no_grad():
         teacher_logits = _kept_logits(teacher, input_ids, attention_mask, keep)
-    return F.kl_div(logits.log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True,
-                    reduction="batchmean")
+    return _kl(teacher_logits, logits)
 
 
 def anchored_answer_loss(model, reference, weight, input_ids, attention_mask, labels):
@@ -126,8 +131,7 @@ def anchored_answer_loss(model, reference, weight, input_ids, attention_mask, la
     if weight:
         with torch.no_grad():
             reference_logits = _kept_logits(reference, input_ids, attention_mask, keep)
-        loss = loss + weight * F.kl_div(logits.log_softmax(-1), reference_logits.log_softmax(-1),
-                                        log_target=True, reduction="batchmean")
+        loss = loss + weight * _kl(reference_logits, logits)
     return loss
 
 
@@ -153,9 +157,7 @@ def through_base_loss(model, anti_expert, base, alpha, input_ids, attention_mask
                                                      - anti_logits.log_softmax(-1))
     loss = F.cross_entropy(steered, labels[:, 1:][keep])
     if anchor:
-        loss = loss + anchor * F.kl_div(expert_logits.log_softmax(-1),
-                                        anti_logits.log_softmax(-1), log_target=True,
-                                        reduction="batchmean")
+        loss = loss + anchor * _kl(anti_logits, expert_logits)
     return loss
 
 

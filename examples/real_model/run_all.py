@@ -153,6 +153,9 @@ def run_pipeline(base, tokenizer, train_items, test_items, prose_documents, sett
     validation questions and written to ``results_dir/validation.json``.
     Returns the report that is also written to ``results_dir/results.json``.
     """
+    if settings.expert_objective not in ("alone", "through_base"):
+        raise ValueError("expert_objective must be 'alone' (the expert learns the answers by "
+                         "itself) or 'through_base' (it learns the proxy-tuned base's answers).")
     torch.manual_seed(settings.seed)
     digest_before = weights_digest(base)
     template = PromptTemplate.from_chat_template(tokenizer)
@@ -176,9 +179,6 @@ def run_pipeline(base, tokenizer, train_items, test_items, prose_documents, sett
         examples += chat_examples(tokenizer, template, fit_items + extra_items)
     if "few_shot" in forms:
         examples += few_shot_examples(tokenizer, fit_items + extra_items, shots)
-    if settings.expert_objective not in ("alone", "through_base"):
-        raise ValueError("expert_objective must be 'alone' (the expert learns the answers by "
-                         "itself) or 'through_base' (it learns the proxy-tuned base's answers).")
     alphas = [float(alpha) for alpha in settings.alphas.split(",")]
     data_recipe = {"fit_questions": [item.question for item in fit_items + extra_items],
                    "forms": forms, "shots": settings.shots}
